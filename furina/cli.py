@@ -19,6 +19,7 @@ COMMAND_MODULES = [
     "furina.train",
     "furina.evaluate",
     "merger.cli",
+    "service.cli",
 ]
 
 

@@ -1,0 +1,1 @@
+"""HTTP service over furina/ and merger/: merge jobs, generation, OpenAI-compatible API."""
