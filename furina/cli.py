@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "furina.demo_data",
     "furina.train",
     "furina.evaluate",
+    "service.demo",
     "merger.cli",
     "service.cli",
 ]
