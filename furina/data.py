@@ -62,7 +62,7 @@ def read_jsonl_examples(path: str | os.PathLike[str]) -> list[Example]:
 
 
 def parse_example(record: Any) -> Example:
-    """Convert one decoded JSON line into an Example; raise ValueError on a bad record."""
+    """Convert one decoded JSON line into an Example, raising ValueError on a bad record."""
     if not isinstance(record, dict):
         raise ValueError(f"expected a JSON object, got {type(record).__name__}")
 
@@ -79,7 +79,7 @@ def parse_example(record: Any) -> Example:
 
 def _parse_messages(messages: Any) -> Example:
     if not isinstance(messages, list) or len(messages) < 2:
-        raise ValueError("'messages' must be a list of at least 2 messages (prompt and answer)")
+        raise ValueError("'messages' must be a list of at least 2 messages (prompt and completion)")
 
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
