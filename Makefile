@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DATA_DIR ?= data
 
-.PHONY: run test lint clean
+.PHONY: run test lint browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,13 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check furina merger service tests bench
 
-test: lint
+# tests/service/test_web.py drives Debian's Chromium. As root (CI) it is installed when
+# missing; otherwise that test is skipped until someone installs it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null \
+		|| (apt-get update && apt-get install -y chromium)
+
+test: lint browser
 	$(BIN)/pytest -q
 
 clean:

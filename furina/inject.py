@@ -26,7 +26,7 @@ DEFAULT_TARGET_MODULES = (
 
 
 def matches_target(module_path: str, target_modules: Iterable[str]) -> bool:
-    """Whether a module path is targeted: its last name component, or the full path, is listed."""
+    """Return whether a module path is targeted: its last name component or full path is listed."""
     targets = set(target_modules)
     return module_path in targets or module_path.rsplit(".", 1)[-1] in targets
 

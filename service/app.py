@@ -11,14 +11,17 @@ from fastapi import Depends, FastAPI
 
 from service.auth import require_api_key
 from service.errors import error_responses, install_error_handlers
+from service.generation_slots import GenerationSlots
 from service.metrics import ServiceMetrics
 from service.middleware import BodySizeLimitMiddleware, RequestContextMiddleware
+from service.remote_engine import create_engine
 from service.settings import Settings, get_settings
 
 logger = logging.getLogger(__name__)
 
-# Routers included without the API key dependency.
-PUBLIC_ROUTER_MODULES = ["service.routers.health"]
+# Routers included without the API key dependency: liveness, and the web page, which
+# contains no data and sends the key with each API call it makes.
+PUBLIC_ROUTER_MODULES = ["service.routers.health", "service.routers.web"]
 # Routers behind the API key (when settings.api_key is set); each module defines `router`.
 ROUTER_MODULES = [
     "service.routers.ops",
@@ -31,7 +34,12 @@ ROUTER_MODULES = [
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the application. State lives on app.state: settings, metrics, jobs, models."""
+    """Build the application.
+
+    State lives on app.state: settings, metrics, generation_slots, jobs, models, and
+    engine (the client of the OpenAI-compatible engine with the "openai" generation
+    backend, else None).
+    """
     settings = settings or get_settings()
     metrics = ServiceMetrics()
 
@@ -51,6 +59,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 yield
             finally:
                 models.close()
+                if app.state.engine is not None:
+                    await app.state.engine.aclose()
         finally:
             jobs.stop()
             logger.info("service stopped")
@@ -67,6 +77,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.generation_slots = GenerationSlots.from_settings(settings)
+    app.state.engine = create_engine(settings)
     install_error_handlers(app)
 
     # The middleware added last runs first, so 413 responses get a request id too.

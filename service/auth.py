@@ -1,11 +1,12 @@
-"""Optional API key: `Authorization: Bearer <key>` on every endpoint except /health.
+"""Optional API key, `Authorization: Bearer <key>`, on all routes but /health and the web page.
 
 When settings.api_key is unset, every request passes. When it is set, a missing or
 wrong key gets 401 with `WWW-Authenticate: Bearer`. The key is compared in constant
 time and never logged.
 
-service.app adds `require_api_key` to every router it includes except the health
-router, so routers need not add it themselves. The OpenAPI schema marks those routes
+service.app adds `require_api_key` to every router it includes except the health and
+web page routers (/health, and / with its /static/ files, which contain no data), so
+routers need not add it themselves. The OpenAPI schema marks those routes
 with the `HTTPBearer` security scheme. /metrics, /docs and /openapi.json are behind
 the key too: the schema lists every endpoint, and metrics reveal traffic. A browser
 cannot send the header when it opens /docs, so with a key set, fetch /openapi.json

@@ -24,8 +24,8 @@ from furina.base_model import DEFAULT_BASE_NAME, prepare_base
 from furina.data import default_data_dir
 
 DEMO_NAME = "demo"
-DEMO_STEPS = 150
-DEMO_LEARNING_RATE = 1e-3
+DEMO_STEPS = 40
+DEMO_LEARNING_RATE = 2e-4
 DEMO_QUESTION = "Convert to ISO 8601: July 4, 1976"
 SERVER_START_TIMEOUT_SECONDS = 120.0
 MERGE_TIMEOUT_SECONDS = 1800.0
@@ -105,13 +105,23 @@ class DemoRun:
             except httpx.TransportError:
                 pass
             time.sleep(0.5)
-        raise TimeoutError(f"service did not answer /health within {SERVER_START_TIMEOUT_SECONDS} s")
+        raise TimeoutError(
+            f"service did not answer /health within {SERVER_START_TIMEOUT_SECONDS} s"
+        )
 
     def merge(self, client: httpx.Client) -> None:
         if (self.data_dir / "merged" / DEMO_NAME / "config.json").is_file():
-            print(f"merged model {DEMO_NAME!r} exists; delete {self.data_dir / 'merged' / DEMO_NAME} to merge again")
+            print(
+                f"merged model {DEMO_NAME!r} exists: delete "
+                f"{self.data_dir / 'merged' / DEMO_NAME} to merge again"
+            )
             return
-        request = {"base_model": DEFAULT_BASE_NAME, "adapter": DEMO_NAME, "name": DEMO_NAME, "verify": True}
+        request = {
+            "base_model": DEFAULT_BASE_NAME,
+            "adapter": DEMO_NAME,
+            "name": DEMO_NAME,
+            "verify": True,
+        }
         response = client.post("/merge", json=request)
         _raise_for_status(response)
         location = response.headers["location"]
@@ -157,7 +167,9 @@ class DemoRun:
         print_latency_table(response.json())
 
     def serve_forever(self) -> None:
-        print(f"\nServing on {self.base_url} (API docs: {self.base_url}/docs). Press Ctrl-C to stop.")
+        print(
+            f"\nServing on {self.base_url} (API docs: {self.base_url}/docs). Press Ctrl-C to stop."
+        )
         assert self.server is not None
         self.server.wait()
 
@@ -172,12 +184,15 @@ class DemoRun:
 
 def print_latency_table(result: dict[str, Any]) -> None:
     """Print the latency comparison as an aligned table of medians and ratios to base."""
-    print(f"{'variant':<20} {'first token ms':>15} {'per token ms':>13} {'total s':>8} {'x base':>7}")
+    print(
+        f"{'variant':<20} {'first token ms':>15} {'per token ms':>13} {'total s':>8} {'x base':>7}"
+    )
     for name, stats in result["variants"].items():
         print(
             f"{name:<20} {stats['time_to_first_token']['median'] * 1000:>15.1f} "
             f"{stats['decode_time_per_token']['median'] * 1000:>13.1f} "
-            f"{stats['total']['median']:>8.2f} {(stats['ratio_to_base'] or {}).get('total', 0):>7.2f}"
+            f"{stats['total']['median']:>8.2f} "
+            f"{(stats['ratio_to_base'] or {}).get('total', 0):>7.2f}"
         )
     for note in result.get("notes", []):
         print(f"note: {note}")
@@ -235,8 +250,14 @@ def add_cli_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "run-demo", help="prepare, train, merge through the API and serve the demo model"
     )
-    parser.add_argument("--data-dir", default=None, help="data directory (default: $FURINA_DATA_DIR or ./data)")
-    parser.add_argument("--host", default="127.0.0.1", help="address the service binds (default 127.0.0.1)")
+    parser.add_argument(
+        "--data-dir", default=None, help="data directory (default: $FURINA_DATA_DIR or ./data)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address the service binds (default 127.0.0.1)"
+    )
     parser.add_argument("--port", type=int, default=8000, help="service port (default 8000)")
-    parser.add_argument("--train-steps", type=int, default=DEMO_STEPS, help="training steps of the demo adapter")
+    parser.add_argument(
+        "--train-steps", type=int, default=DEMO_STEPS, help="training steps of the demo adapter"
+    )
     parser.set_defaults(handler=run_demo)

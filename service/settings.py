@@ -4,15 +4,17 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, HttpUrl, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Validated service configuration. Each field reads FURINA_<FIELD> from the environment."""
 
-    model_config = SettingsConfigDict(env_prefix="FURINA_", extra="ignore")
+    # An empty variable counts as unset, so docker compose can pass ${FURINA_X:-} through.
+    model_config = SettingsConfigDict(env_prefix="FURINA_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(
         default=Path("data"),
@@ -20,7 +22,10 @@ class Settings(BaseSettings):
     )
     api_key: SecretStr | None = Field(
         default=None,
-        description="when set, every endpoint except /health needs 'Authorization: Bearer <key>'",
+        description=(
+            "when set, every endpoint except /health and the web page (/ and /static/) "
+            "needs 'Authorization: Bearer <key>'"
+        ),
     )
     merge_concurrency: int = Field(
         default=1, ge=1, le=16, description="merge jobs that run at the same time"
@@ -36,7 +41,10 @@ class Settings(BaseSettings):
     )
     default_model: str | None = Field(
         default=None,
-        description="model used when a request names none (default: the demo model when present)",
+        description=(
+            "model used when a request names none (default: the demo model when present; "
+            "with the openai backend, the first model the engine lists)"
+        ),
     )
     max_body_bytes: int = Field(
         default=1_048_576, ge=1024, description="largest request body accepted, in bytes"
@@ -67,6 +75,53 @@ class Settings(BaseSettings):
             "warmup) x (prompt_tokens + new_tokens)"
         ),
     )
+    generation_concurrency: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "generations (POST /generate, /v1/completions, /v1/chat/completions) that run at "
+            "the same time; two on the same model still take turns"
+        ),
+    )
+    generation_queue_size: int = Field(
+        default=8,
+        ge=0,
+        description="generations that wait for a free slot; further requests get 503",
+    )
+    generation_queue_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="seconds a generation waits in the queue before it gets 503",
+    )
+    generation_backend: Literal["local", "openai"] = Field(
+        default="local",
+        description=(
+            "'local' generates in this process with transformers; 'openai' forwards /generate "
+            "and /v1/* to the OpenAI-compatible engine at engine_url (vLLM, for example)"
+        ),
+    )
+    engine_url: HttpUrl | None = Field(
+        default=None,
+        description="base URL of the OpenAI-compatible engine, with /v1 (openai backend only)",
+    )
+    engine_api_key: SecretStr | None = Field(
+        default=None, description="bearer token sent to the engine, when it needs one"
+    )
+    engine_timeout_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="seconds to wait for the engine to connect, and for each read from it",
+    )
+
+    @model_validator(mode="after")
+    def _engine_url_for_openai(self) -> Settings:
+        if self.generation_backend == "openai" and self.engine_url is None:
+            raise ValueError(
+                "generation_backend 'openai' needs engine_url: set FURINA_ENGINE_URL, "
+                "for example http://vllm:8000/v1"
+            )
+        return self
 
 
 @lru_cache(maxsize=1)
