@@ -107,6 +107,8 @@ def build_settings(data_dir: Path | None, api_key_env: str | None):
     except ValidationError as error:
         first = error.errors()[0]
         field = ".".join(str(part) for part in first["loc"])
+        if not field:  # a check that involves several settings
+            raise CliError(f"invalid settings: {first['msg']}") from error
         raise CliError(
             f"invalid setting {field} (environment variable FURINA_{field.upper()}): "
             f"{first['msg']}"

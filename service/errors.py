@@ -65,7 +65,9 @@ ERROR_DESCRIPTIONS = {
     404: "Not found",
     409: "Conflict with the current state",
     413: "Request body too large",
+    502: "The generation engine is unreachable or failed",
     503: "Not ready",
+    504: "The generation engine timed out",
 }
 
 

@@ -4,7 +4,13 @@ The decode loop (service.generation) runs in a worker thread while it holds the
 model's lock; this module bridges it to the event loop. The OpenAI-compatible router
 reuses `prepare_generation`, `generation_events` and `collect_generation`. Every
 generation, finished or cancelled, is logged at INFO with its timings and counted in
-the generated-tokens metric by the worker.
+the generated-tokens metric by the worker. Local generations take a slot of
+service.generation_slots first, so overload gets 503 with Retry-After instead of a
+growing backlog.
+
+With settings.generation_backend "openai", the handler sends the request to the
+OpenAI-compatible engine through service.remote_engine instead, and answers in the
+same shapes.
 
 Stream format of `stream: true`:
 
@@ -44,8 +50,10 @@ from service.generation import (
     encode_prompt,
     stream_generation,
 )
+from service.generation_slots import GenerationSlot, GenerationSlots
 from service.metrics import ServiceMetrics, get_metrics
 from service.models import LoadedModel, ModelRegistry
+from service.remote_engine import EngineDep, RemoteEngine
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -121,11 +129,15 @@ class GenerateResponse(BaseModel):
 
 @dataclass
 class PreparedGeneration:
-    """A loaded model, the encoded prompt and validated sampling settings."""
+    """A loaded model, the encoded prompt, validated sampling settings and the generation slot.
+
+    generation_events releases the slot when the decode loop ends.
+    """
 
     loaded: LoadedModel
     input_ids: list[int]
     params: SamplingParams
+    slot: GenerationSlot | None = None
 
 
 def get_registry(request: Request) -> ModelRegistry:
@@ -141,12 +153,16 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
     response_model=GenerateResponse,
     summary="Generate text with a model",
     responses={
-        **error_responses(400, 401, 404),
+        **error_responses(400, 401, 404, 502, 503, 504),
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"},
     },
 )
 async def generate(
-    body: GenerateRequest, request: Request, registry: RegistryDep, metrics: MetricsDep
+    body: GenerateRequest,
+    request: Request,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    engine: EngineDep,
 ):
     settings: Settings = request.app.state.settings
     check_max_new_tokens(body.max_new_tokens, settings, "max_new_tokens")
@@ -159,17 +175,50 @@ async def generate(
         stop=stop_strings(body.stop, "stop"),
     )
     messages = None if body.messages is None else [m.model_dump() for m in body.messages]
-    prepared = await prepare_generation(registry, body.model, body.prompt, messages, params)
+    if engine is not None:
+        return await _generate_remote(engine, body, messages, params, metrics)
+    slots = request.app.state.generation_slots
+    prepared = await prepare_generation(
+        registry, body.model, body.prompt, messages, params, slots=slots
+    )
 
     if body.stream:
+        events = generation_events(prepared, metrics, request)
         return StreamingResponse(
-            _generate_stream(prepared, request, metrics), media_type="text/event-stream"
+            _generate_stream(prepared.loaded.id, events), media_type="text/event-stream"
         )
     result = await collect_generation(prepared, request, metrics)
     if result.finish_reason == FINISH_CANCELLED:
         return client_gone_response()
+    return _generate_response(prepared.loaded.id, result)
+
+
+async def _generate_remote(
+    engine: RemoteEngine,
+    body: GenerateRequest,
+    messages: list[dict] | None,
+    params: SamplingParams,
+    metrics: ServiceMetrics,
+):
+    """Run the request on the OpenAI-compatible engine (settings.generation_backend "openai")."""
+    remote = await engine.open_generation(body.model, body.prompt, messages, params, metrics)
+    if body.stream:
+        return StreamingResponse(
+            _generate_stream(remote.model, remote.events), media_type="text/event-stream"
+        )
+    # NOTE: unlike the local backend, this does not stop when the client disconnects.
+    result = None
+    async for event in remote.events:
+        if isinstance(event, GenerationResult):
+            result = event
+    if result is None:
+        raise AssertionError("engine stream ended without a result")
+    return _generate_response(remote.model, result)
+
+
+def _generate_response(model_id: str, result: GenerationResult) -> GenerateResponse:
     return GenerateResponse(
-        model=prepared.loaded.id,
+        model=model_id,
         text=result.text,
         finish_reason=result.finish_reason,
         usage=Usage(**result.usage()),
@@ -220,12 +269,40 @@ async def prepare_generation(
     messages: list[dict] | None,
     params: SamplingParams,
     fit_context: bool = False,
+    slots: GenerationSlots | None = None,
 ) -> PreparedGeneration:
-    """Load the model (in a worker thread) and encode the prompt; prompt may be token ids.
+    """Take a generation slot, load the model and encode the prompt; prompt may be token ids.
 
     With fit_context, max_new_tokens is lowered to what fits the model's context after
-    the prompt (for requests that did not set it).
+    the prompt (for requests that did not set it). With slots, a slot is taken first,
+    which raises GenerationBusyError (503) when the queue is full; pass the result to
+    generation_events, which gives the slot back.
     """
+    if slots is None:
+        return await _load_and_encode(registry, model_id, prompt, messages, params, fit_context)
+
+    # An unknown model gets its 404 at once instead of after a wait in the queue.
+    await run_in_threadpool(registry.resolve, model_id)
+    slot = await slots.acquire()
+    try:
+        prepared = await _load_and_encode(
+            registry, model_id, prompt, messages, params, fit_context
+        )
+    except BaseException:
+        slot.release()
+        raise
+    prepared.slot = slot
+    return prepared
+
+
+async def _load_and_encode(
+    registry: ModelRegistry,
+    model_id: str | None,
+    prompt: str | list[int] | None,
+    messages: list[dict] | None,
+    params: SamplingParams,
+    fit_context: bool,
+) -> PreparedGeneration:
     loaded = await run_in_threadpool(registry.get, model_id)
     try:
         if isinstance(prompt, list):
@@ -257,22 +334,37 @@ def checked_token_ids(token_ids: list[int], vocab_size: int) -> list[int]:
     return list(token_ids)
 
 
-async def generation_events(
+def generation_events(
     prepared: PreparedGeneration, metrics: ServiceMetrics, request: Request | None = None
 ) -> AsyncIterator[TextDelta | GenerationResult]:
-    """Run the decode loop in a worker thread and yield its events on the event loop.
+    """Start the decode loop in a worker thread; return an iterator of its events.
 
-    When the consumer stops early (a streaming client disconnected and the response
-    was cancelled) or the request's client disconnects, the stop flag is set and the
-    worker ends at its next token, releasing the model lock.
+    The worker starts now, not at the first iteration, so that it gives back
+    prepared.slot when it ends even if nobody reads the events (a streaming client that
+    left before the body was sent). When the consumer stops early or the request's
+    client disconnects, the stop flag is set and the worker ends at its next token,
+    releasing the model lock and the slot. Call it on the event loop.
     """
     stop_event = threading.Event()
     events: asyncio.Queue = asyncio.Queue()
     loop = asyncio.get_running_loop()
     produce = _producer(prepared, metrics, stop_event, events, loop)
     context = contextvars.copy_context()  # the worker's log lines keep the request id
-    loop.run_in_executor(None, context.run, produce)
+    worker = loop.run_in_executor(None, context.run, produce)
+    worker.add_done_callback(lambda _: _worker_done(prepared, stop_event))
     watcher = None if request is None else asyncio.create_task(_watch(request, stop_event))
+    return _read_events(events, stop_event, watcher)
+
+
+def _worker_done(prepared: PreparedGeneration, stop_event: threading.Event) -> None:
+    stop_event.set()  # also ends the disconnect watcher
+    if prepared.slot is not None:
+        prepared.slot.release()
+
+
+async def _read_events(
+    events: asyncio.Queue, stop_event: threading.Event, watcher: asyncio.Task | None
+) -> AsyncIterator[TextDelta | GenerationResult]:
     try:
         while True:
             event = await events.get()
@@ -334,17 +426,17 @@ def sse_event(data: dict | str, event: str | None = None) -> str:
 
 
 async def _generate_stream(
-    prepared: PreparedGeneration, request: Request, metrics: ServiceMetrics
+    model_id: str, events: AsyncIterator[TextDelta | GenerationResult]
 ) -> AsyncIterator[str]:
     try:
-        async for event in generation_events(prepared, metrics, request):
+        async for event in events:
             if isinstance(event, TextDelta):
                 yield sse_event({"text": event.text}, "token")
                 continue
             if event.finish_reason == FINISH_CANCELLED:
                 return
             final = {
-                "model": prepared.loaded.id,
+                "model": model_id,
                 "finish_reason": event.finish_reason,
                 "usage": event.usage(),
                 "timings": event.timings(),
@@ -353,7 +445,7 @@ async def _generate_stream(
         yield sse_event("[DONE]", "done")
     except Exception as error:
         # The status line is already sent: report the error inside the stream.
-        logger.exception("streamed generation with model %s failed", prepared.loaded.id)
+        logger.exception("streamed generation with model %s failed", model_id)
         yield sse_event({"detail": f"generation failed: {error}"}, "error")
 
 

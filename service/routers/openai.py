@@ -8,6 +8,10 @@ implement (penalties, logit_bias, logprobs, tools, n > 1, echo, suffix, best_of)
 rejected with 400 naming them; other unknown fields are ignored, as OpenAI-compatible
 servers commonly do.
 
+With settings.generation_backend "openai", every route here passes the request body,
+once it has passed this module's validation, unchanged to the OpenAI-compatible engine
+(service.remote_engine), which then decides about the parameters listed above.
+
 Every error of these routes has OpenAI's body: {"error": {"message", "type", "param",
 "code"}}. Validation errors are 400 here, as with OpenAI, not FastAPI's 422.
 """
@@ -30,11 +34,10 @@ from starlette.exceptions import HTTPException
 
 from service.errors import ServiceError
 from service.generation import FINISH_CANCELLED, GenerationResult, SamplingParams, TextDelta
-from service.metrics import ServiceMetrics
+from service.remote_engine import EngineDep
 from service.request_context import request_id
 from service.routers.generate import (
     MetricsDep,
-    PreparedGeneration,
     RegistryDep,
     check_max_new_tokens,
     client_gone_response,
@@ -188,21 +191,33 @@ class ModelList(BaseModel):
 
 
 @router.get("/models", response_model=ModelList, summary="List the models (OpenAI format)")
-async def list_models(registry: RegistryDep) -> ModelList:
+async def list_models(registry: RegistryDep, engine: EngineDep) -> ModelList | Response:
+    if engine is not None:
+        return await engine.forward("GET", "models")
     entries = await run_in_threadpool(registry.list_models)
     return ModelList(data=[ModelCard(id=entry.id, created=entry.created) for entry in entries])
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard, summary="Describe one model")
-async def retrieve_model(model_id: str, registry: RegistryDep) -> ModelCard:
+async def retrieve_model(
+    model_id: str, registry: RegistryDep, engine: EngineDep
+) -> ModelCard | Response:
+    if engine is not None:
+        return await engine.retrieve_model(model_id)
     entry = await run_in_threadpool(registry.resolve, model_id)
     return ModelCard(id=entry.id, created=entry.created)
 
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI format)")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, registry: RegistryDep, metrics: MetricsDep
+    body: ChatCompletionRequest,
+    request: Request,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    engine: EngineDep,
 ) -> Response:
+    if engine is not None:
+        return await engine.forward("POST", "chat/completions", await request.json())
     _reject_unsupported(body)
     _reject_set(body, ("top_logprobs", "tools", "tool_choice"))
     if body.response_format not in (None, {"type": "text"}):
@@ -213,7 +228,13 @@ async def chat_completions(
     params = _sampling_params(body, max_tokens, request.app.state.settings)
     messages = [_text_message(message, index) for index, message in enumerate(body.messages)]
     prepared = await prepare_generation(
-        registry, body.model, None, messages, params, fit_context=max_tokens is None
+        registry,
+        body.model,
+        None,
+        messages,
+        params,
+        fit_context=max_tokens is None,
+        slots=request.app.state.generation_slots,
     )
 
     completion = _Completion(
@@ -221,7 +242,8 @@ async def chat_completions(
     )
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _chat_chunks(completion, prepared, request, metrics, include_usage)
+        events = generation_events(prepared, metrics, request)
+        chunks = _chat_chunks(completion, events, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     result = await collect_generation(prepared, request, metrics)
@@ -238,8 +260,14 @@ async def chat_completions(
 
 @router.post("/completions", summary="Text completion (OpenAI format)")
 async def completions(
-    body: CompletionRequest, request: Request, registry: RegistryDep, metrics: MetricsDep
+    body: CompletionRequest,
+    request: Request,
+    registry: RegistryDep,
+    metrics: MetricsDep,
+    engine: EngineDep,
 ) -> Response:
+    if engine is not None:
+        return await engine.forward("POST", "completions", await request.json())
     _reject_unsupported(body)
     _reject_set(body, ("suffix",))
     if body.echo:
@@ -250,12 +278,14 @@ async def completions(
     default_max_tokens = min(COMPLETIONS_DEFAULT_MAX_TOKENS, settings.max_new_tokens_cap)
     params = _sampling_params(body, body.max_tokens or default_max_tokens, settings)
     prompt = _single_prompt(body.prompt)
-    prepared = await prepare_generation(registry, body.model, prompt, None, params)
+    slots = request.app.state.generation_slots
+    prepared = await prepare_generation(registry, body.model, prompt, None, params, slots=slots)
 
     completion = _Completion("cmpl", "text_completion", "text_completion", prepared.loaded.id)
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        chunks = _text_chunks(completion, prepared, request, metrics, include_usage)
+        events = generation_events(prepared, metrics, request)
+        chunks = _text_chunks(completion, events, include_usage)
         return StreamingResponse(chunks, media_type="text/event-stream")
 
     result = await collect_generation(prepared, request, metrics)
@@ -296,9 +326,7 @@ class _Completion:
 
 async def _chat_chunks(
     completion: _Completion,
-    prepared: PreparedGeneration,
-    request: Request,
-    metrics: ServiceMetrics,
+    events: AsyncIterator[TextDelta | GenerationResult],
     include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(delta: dict, finish_reason: str | None) -> str:
@@ -306,7 +334,7 @@ async def _chat_chunks(
         return _chunk(completion, [choice], include_usage)
 
     yield chunk({"role": "assistant", "content": ""}, None)
-    async for piece in _stream(completion, prepared, request, metrics, include_usage):
+    async for piece in _stream(completion, events, include_usage):
         if isinstance(piece, str):
             yield piece
         elif isinstance(piece, TextDelta):
@@ -317,16 +345,14 @@ async def _chat_chunks(
 
 async def _text_chunks(
     completion: _Completion,
-    prepared: PreparedGeneration,
-    request: Request,
-    metrics: ServiceMetrics,
+    events: AsyncIterator[TextDelta | GenerationResult],
     include_usage: bool,
 ) -> AsyncIterator[str]:
     def chunk(text: str, finish_reason: str | None) -> str:
         choice = {"index": 0, "text": text, "finish_reason": finish_reason, "logprobs": None}
         return _chunk(completion, [choice], include_usage)
 
-    async for piece in _stream(completion, prepared, request, metrics, include_usage):
+    async for piece in _stream(completion, events, include_usage):
         if isinstance(piece, str):
             yield piece
         elif isinstance(piece, TextDelta):
@@ -337,9 +363,7 @@ async def _text_chunks(
 
 async def _stream(
     completion: _Completion,
-    prepared: PreparedGeneration,
-    request: Request,
-    metrics: ServiceMetrics,
+    events: AsyncIterator[TextDelta | GenerationResult],
     include_usage: bool,
 ) -> AsyncIterator[TextDelta | GenerationResult | str]:
     """Yield text deltas, then the result; then the usage chunk and [DONE] as ready SSE text.
@@ -348,7 +372,7 @@ async def _stream(
     OpenAI-compatible servers send it.
     """
     try:
-        async for event in generation_events(prepared, metrics, request):
+        async for event in events:
             if isinstance(event, TextDelta):
                 yield event
                 continue
@@ -359,7 +383,7 @@ async def _stream(
                 yield sse_event(completion.body([], event.usage(), object=completion.chunk_object))
         yield sse_event("[DONE]")
     except Exception as error:
-        logger.exception("streamed completion with model %s failed", prepared.loaded.id)
+        logger.exception("streamed completion with model %s failed", completion.model)
         body = openai_error(500, f"generation failed: {error}").body.decode()
         yield f"data: {body}\n\n"
 

@@ -12,6 +12,7 @@ import sqlite3
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import anyio.from_thread
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse
@@ -22,6 +23,7 @@ from service.dependencies import JobsDep, SettingsDep
 from service.jobs import JobManager
 from service.metrics import ServiceMetrics, get_metrics
 from service.paths import Root
+from service.remote_engine import EngineError, RemoteEngine
 
 logger = logging.getLogger(__name__)
 
@@ -40,14 +42,15 @@ class ReadyResponse(BaseModel):
 @router.get(
     "/ready",
     response_model=ReadyResponse,
-    summary="Readiness: job database, data directory and models usable",
+    summary="Readiness: job database, data directory, models and generation engine usable",
     responses={503: {"model": ReadyResponse, "description": "A check failed"}},
 )
 def ready(request: Request, settings: SettingsDep, jobs: JobsDep) -> JSONResponse:
     """Check the job database, the data directory and, when it reports one, the model registry.
 
     The model registry (app.state.models) takes part when it has a `ready()` method,
-    which returns a truthy value when models can be served.
+    which returns a truthy value when models can be served. With the "openai" generation
+    backend, the engine must respond to GET /models with 200 too.
     """
     checks = {
         "database": _check_database(jobs),
@@ -56,6 +59,9 @@ def ready(request: Request, settings: SettingsDep, jobs: JobsDep) -> JSONRespons
     models = getattr(request.app.state, "models", None)
     if hasattr(models, "ready"):
         checks["models"] = _check_models(models)
+    engine = getattr(request.app.state, "engine", None)
+    if engine is not None:
+        checks["engine"] = _check_engine(engine)
 
     is_ready = all(result == OK for result in checks.values())
     body = ReadyResponse(status="ready" if is_ready else "not ready", checks=checks)
@@ -88,6 +94,15 @@ def _check_models(models: Any) -> str:
     except Exception as error:  # a failing check reports not ready instead of a 500
         logger.exception("model registry readiness check failed")
         return f"model registry check failed: {error}"
+
+
+def _check_engine(engine: RemoteEngine) -> str:
+    # This sync route runs in a worker thread: run the async check on the event loop.
+    try:
+        anyio.from_thread.run(engine.check)
+    except EngineError as error:
+        return error.detail
+    return OK
 
 
 @router.get(
