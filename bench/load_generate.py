@@ -189,6 +189,9 @@ def summarize(records: list[RequestRecord], wall_seconds: float) -> dict:
         },
         "busy_latency_s": {"p50": percentile([r.seconds for r in busy], 0.50)},
         "retry_after_s": sorted({r.retry_after for r in busy if r.retry_after is not None}),
+        "retry_after_median_s": percentile(
+            [r.retry_after for r in busy if r.retry_after is not None], 0.50
+        ),
         "busy_without_retry_after": sum(1 for r in busy if r.retry_after is None),
         "throughput_requests_per_s": len(ok) / wall_seconds,
         "throughput_tokens_per_s": sum(r.completion_tokens for r in ok) / wall_seconds,
@@ -329,7 +332,9 @@ def docs_markdown(results: dict) -> str:
     rss = results["server_rss_bytes"]
     mib = 1024**2
     sent = results["retry_after_s"]
-    retry_after = f"{min(sent)} to {max(sent)}" if sent else "none"
+    retry_after = "none"
+    if sent:
+        retry_after = f"{min(sent)} to {max(sent)} (median {results['retry_after_median_s']})"
     lines = [
         "## Generation under load",
         "",

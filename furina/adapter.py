@@ -32,6 +32,19 @@ WEIGHTS_FILE = "adapter_model.safetensors"
 FORMAT_NAME = "furina"
 FORMAT_VERSION = 1
 TENSOR_NAMES = ("furina_A", "furina_B", "furina_magnitude")
+# safetensors dtype names of a file header that map to a torch dtype, for the header check.
+HEADER_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 
 
 class AdapterError(ValueError):
@@ -168,17 +181,44 @@ def load_adapter(
     """Load and validate an adapter directory.
 
     linear_shapes maps the base model's Linear module paths to (d_out, d_in); when
-    given, every adapter module must exist there with matching shapes.
+    given, every adapter module must exist there with matching shapes. Without it, the
+    shapes need only agree with each other and the config, so they are not bounded.
     """
     config = read_adapter_config(adapter_dir)
-    tensors = _read_tensors(Path(adapter_dir) / WEIGHTS_FILE)
+    path = Path(adapter_dir) / WEIGHTS_FILE
+    # The header alone is checked first, so a tensor whose header claims gigabytes
+    # is rejected before its data is read.
+    validate_adapter_tensors(config, _read_header(path), linear_shapes, check_values=False)
+    tensors = _read_tensors(path)
     validate_adapter_tensors(config, tensors, linear_shapes)
     return FurinaAdapter(config=config, tensors=tensors)
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_header(path: Path) -> dict[str, torch.Tensor]:
+    """Return each tensor of the file as a meta tensor: its dtype and shape, no data."""
     if not path.is_file():
         raise AdapterError(f"missing {WEIGHTS_FILE} in {path.parent}")
+    try:
+        dtypes_and_shapes = {}
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                tensor_slice = handle.get_slice(key)
+                dtypes_and_shapes[key] = (tensor_slice.get_dtype(), tensor_slice.get_shape())
+    except Exception as error:  # safetensors raises its own SafetensorError for any bad file
+        raise AdapterError(
+            f"cannot read {path}: {error} (truncated or not a safetensors file)"
+        ) from error
+
+    tensors = {}
+    for key, (dtype_name, shape) in dtypes_and_shapes.items():
+        dtype = HEADER_DTYPES.get(dtype_name)
+        if dtype is None:
+            raise AdapterError(f"tensor {key} has dtype {dtype_name}, expected torch.float32")
+        tensors[key] = torch.empty(shape, dtype=dtype, device="meta")
+    return tensors
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     try:
         with safe_open(path, framework="pt") as handle:
             return {key: handle.get_tensor(key) for key in handle.keys()}
@@ -192,8 +232,13 @@ def validate_adapter_tensors(
     config: FurinaAdapterConfig,
     tensors: dict[str, torch.Tensor],
     linear_shapes: dict[str, tuple[int, int]] | None = None,
+    check_values: bool = True,
 ) -> None:
-    """Check names, completeness, dtype, shapes and finiteness of adapter tensors."""
+    """Check names, completeness, dtype, shapes and finiteness of adapter tensors.
+
+    With check_values False the finiteness check is skipped, so the tensors may be
+    meta tensors read from a file header.
+    """
     modules: dict[str, set[str]] = {}
     for key in tensors:
         path, _, name = key.rpartition(".")
@@ -216,7 +261,7 @@ def validate_adapter_tensors(
             raise AdapterError(
                 f"tensors for module {path} do not match target_modules {config.target_modules}"
             )
-        _validate_module(config, path, tensors, linear_shapes)
+        _validate_module(config, path, tensors, linear_shapes, check_values)
 
 
 def _validate_module(
@@ -224,6 +269,7 @@ def _validate_module(
     path: str,
     tensors: dict[str, torch.Tensor],
     linear_shapes: dict[str, tuple[int, int]] | None,
+    check_values: bool,
 ) -> None:
     lora_A = tensors[f"{path}.furina_A"]
     lora_B = tensors[f"{path}.furina_B"]
@@ -272,5 +318,5 @@ def _validate_module(
                 f"{list(expected[name])} from num_experts={config.num_experts}, "
                 f"r={config.r} and the base layer"
             )
-        if not torch.isfinite(tensor).all():
+        if check_values and not torch.isfinite(tensor).all():
             raise AdapterError(f"tensor {path}.{name} contains non-finite values (NaN or Inf)")

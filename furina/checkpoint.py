@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -75,8 +75,9 @@ def read_tensor_index(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Tenso
                         dtype=str(tensor_slice.get_dtype()),
                         shape=tuple(tensor_slice.get_shape()),
                     )
-        except (OSError, RuntimeError, ValueError) as error:
-            # safetensors raises SafetensorError (a ValueError subclass in some versions).
+        except (OSError, RuntimeError, ValueError, SafetensorError) as error:
+            # safetensors 0.8's SafetensorError derives from Exception only: a truncated
+            # file, or a header longer than the file or than 100 MB, raises it at open.
             raise CheckpointError(f"cannot read safetensors file {path}: {error}") from error
     return index
 
@@ -113,6 +114,15 @@ def checkpoint_fingerprint(checkpoint_dir: str | os.PathLike[str]) -> str:
 
 
 def _tensor_prefix_bytes(path: Path, name: str) -> bytes:
+    # A dtype that torch cannot read (F6_E2M3) raises SafetensorError, and a packed
+    # one (F4, two values per byte) raises RuntimeError from the reshape.
+    try:
+        return _read_tensor_prefix(path, name)
+    except (RuntimeError, TypeError, ValueError, SafetensorError) as error:
+        raise CheckpointError(f"cannot read tensor {name} of {path}: {error}") from error
+
+
+def _read_tensor_prefix(path: Path, name: str) -> bytes:
     with safe_open(path, framework="pt") as handle:
         tensor_slice = handle.get_slice(name)
         shape = tensor_slice.get_shape()

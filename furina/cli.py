@@ -2,8 +2,8 @@
 
 Each listed module defines `add_cli_parser(subparsers)`, which adds its subcommand and
 sets `handler` to a function taking the parsed arguments and returning an exit code.
-Errors meant for the user raise `CliError` (or ValueError, FileNotFoundError,
-FileExistsError), printed as one line with exit code 2.
+Errors meant for the user raise `CliError` (or ValueError, or an OSError such as
+FileNotFoundError or PermissionError), printed as one line with exit code 2.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args) or 0)
-    except (CliError, ValueError, FileNotFoundError, FileExistsError) as error:
+    except (CliError, ValueError, OSError) as error:
         print(f"furina {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -71,8 +71,10 @@ def run_merge(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             progress=progress,
         )
-    finally:
-        progress.close()
+    except BaseException:
+        progress.close(clear=True)
+        raise
+    progress.close()
     print_summary(report)
     return 0
 
@@ -80,7 +82,8 @@ def run_merge(args: argparse.Namespace) -> int:
 class ProgressBar:
     """A tqdm bar in percent of tensors written, opened at the first update.
 
-    Opening it lazily keeps stderr to the one error line when the inputs are rejected.
+    Opening it lazily keeps stderr to the one error line when the inputs are rejected,
+    and a merge that fails while writing clears the bar, so the error stays alone there.
     """
 
     def __init__(self) -> None:
@@ -97,8 +100,9 @@ class ProgressBar:
         self._bar.set_postfix_str(message[-60:], refresh=False)
         self._bar.update(0)  # redraws at most every mininterval (0.1 s), not per tensor
 
-    def close(self) -> None:
+    def close(self, clear: bool = False) -> None:
         if self._bar is not None:
+            self._bar.leave = not clear  # tqdm erases a bar with leave False on close
             self._bar.close()
 
 

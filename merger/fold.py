@@ -43,6 +43,11 @@ def merge_weight(
     merged = merged.to(output_dtype)
 
     if not torch.isfinite(merged).all():
+        if not torch.isfinite(base_weight).all():
+            raise MergeError(
+                f"base weight {module_path}.weight contains non-finite values (NaN or Inf): "
+                "the base checkpoint is damaged; download or convert it again"
+            )
         raise MergeError(
             f"merging the adapter into {module_path}.weight gives non-finite values in "
             f"{output_dtype} (NaN, or Inf from overflow): check the adapter's magnitudes, "

@@ -41,6 +41,7 @@ class DemoRun:
         self.train_steps = train_steps
         self.step_seconds: dict[str, float] = {}
         self.server: subprocess.Popen | None = None
+        self.log_path = data_dir / "logs" / "serve.log"
 
     def timed(self, name: str, step: Callable[[], Any]) -> Any:
         print(f"\n== {name}", flush=True)
@@ -90,13 +91,18 @@ class DemoRun:
             sys.executable, "-m", "furina.cli", "--log-level", "INFO", "serve",
             "--host", self.host, "--port", str(self.port), "--data-dir", str(self.data_dir),
         ]  # fmt: skip
-        self.server = subprocess.Popen(command)
+        # The service logs every request; a file keeps them from burying the demo's output.
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_path.open("ab") as log_file:
+            self.server = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT)
+        print(f"service log: {self.log_path}")
         deadline = time.monotonic() + SERVER_START_TIMEOUT_SECONDS
         while time.monotonic() < deadline:
             if self.server.poll() is not None:
                 raise RuntimeError(
                     f"furina serve exited with code {self.server.returncode}: is port "
-                    f"{self.port} already in use? Pass --port to choose another"
+                    f"{self.port} already in use? Pass --port to choose another, and see "
+                    f"{self.log_path}"
                 )
             try:
                 if httpx.get(f"{self.base_url}/health", timeout=2.0).status_code == 200:
@@ -168,7 +174,8 @@ class DemoRun:
 
     def serve_forever(self) -> None:
         print(
-            f"\nServing on {self.base_url} (API docs: {self.base_url}/docs). Press Ctrl-C to stop."
+            f"\nServing on {self.base_url} (web page: {self.base_url}/, API docs: "
+            f"{self.base_url}/docs, log: {self.log_path}). Press Ctrl-C to stop."
         )
         assert self.server is not None
         self.server.wait()

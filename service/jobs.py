@@ -34,7 +34,7 @@ from typing import IO
 from merger import MergeCancelled, merge
 from service.errors import ConflictError, NotFoundError
 from service.job_store import JobStatus, JobStore, MergeJob, utc_now
-from service.paths import JOBS_DATABASE, Root, ensure_layout, resolve_name
+from service.paths import JOBS_DATABASE, Root, check_links_inside, ensure_layout, resolve_name
 from service.request_context import request_id
 from service.settings import Settings
 
@@ -109,6 +109,8 @@ class JobManager:
         output_dir = resolve_name(self.data_dir, Root.MERGED, spec.name)
         _require_dir(base_dir, Root.BASE, spec.base_model, "/base-models")
         _require_dir(adapter_dir, Root.ADAPTERS, spec.adapter, "/adapters")
+        check_links_inside(self.data_dir, Root.BASE, spec.base_model)
+        check_links_inside(self.data_dir, Root.ADAPTERS, spec.adapter)
 
         with self._lock:
             executor = self._require_executor()

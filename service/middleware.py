@@ -11,9 +11,10 @@ import time
 
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import error_response
+from service.errors import OPENAI_PREFIX, error_response
 from service.metrics import ServiceMetrics
 from service.request_context import REQUEST_ID_HEADER, accept_or_make_request_id, request_id
 
@@ -112,7 +113,7 @@ class BodySizeLimitMiddleware:
         too_large = BodyTooLarge(self.max_body_bytes)
         content_length = _content_length(scope)
         if content_length is not None and content_length > self.max_body_bytes:
-            await error_response(413, too_large.detail)(scope, receive, send)
+            await _too_large_response(scope, too_large.detail)(scope, receive, send)
             return
 
         received = 0
@@ -137,7 +138,17 @@ class BodySizeLimitMiddleware:
         except BodyTooLarge:
             if response_started:
                 raise
-            await error_response(413, too_large.detail)(scope, receive, send)
+            await _too_large_response(scope, too_large.detail)(scope, receive, send)
+
+
+def _too_large_response(scope: Scope, detail: str) -> Response:
+    """Build the 413 response: OpenAI's error body under /v1/, the service's elsewhere."""
+    if scope["path"].startswith(OPENAI_PREFIX):
+        # Imported here: the router module imports most of the service.
+        from service.routers.openai import openai_error
+
+        return openai_error(413, detail)
+    return error_response(413, detail)
 
 
 def _content_length(scope: Scope) -> int | None:

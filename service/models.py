@@ -25,7 +25,7 @@ from torch import nn
 
 from furina.checkpoint import load_causal_lm, load_tokenizer
 from service.errors import NotFoundError, ServiceError
-from service.paths import Root, check_name, entry_names, resolve_name
+from service.paths import Root, check_links_inside, check_name, entry_names, resolve_name
 from service.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -174,6 +174,7 @@ class ModelRegistry:
 
     def _load(self, entry: ModelEntry, version: tuple[int, int]) -> LoadedModel:
         started = time.perf_counter()
+        check_links_inside(self.data_dir, entry.root, entry.name)
         try:
             model = load_causal_lm(entry.path)
             tokenizer = load_tokenizer(entry.path)

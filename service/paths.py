@@ -8,7 +8,8 @@
 A request names a model or an adapter by a plain name (letters, digits, '.', '_', '-'),
 never by a path. `resolve_name` rejects anything else with InvalidNameError (HTTP 400),
 including a symbolic link inside the root that resolves outside it. A symbolic link to
-another entry of the same root is allowed.
+another entry of the same root is allowed. `check_links_inside` applies the same rule,
+with the whole data directory as the limit, to the files inside an entry.
 """
 
 from __future__ import annotations
@@ -84,12 +85,41 @@ def resolve_name(data_dir: Path, root: Root, name: str) -> Path:
 
     if not _resolves_inside(path, root_dir):
         # The target stays in the server log: it may reveal paths outside the data dir.
-        logger.warning("rejected %s %r: symbolic link to %s", root.noun, name, path.resolve())
+        logger.warning("rejected %s %r: symbolic link to %s", root.noun, name, _resolved(path))
         raise InvalidNameError(
-            f"{root.noun} {name!r} is a symbolic link that resolves outside {root.value}/: "
-            f"replace it with a directory or a link to another entry of {root.value}/"
+            f"{root.noun} {name!r} is a symbolic link that resolves outside {root.value}/ "
+            f"or loops: replace it with a directory or a link to another entry of {root.value}/"
         )
     return path
+
+
+def check_links_inside(data_dir: Path, root: Root, name: str) -> None:
+    """Raise InvalidNameError when a symbolic link below an entry resolves outside data_dir.
+
+    resolve_name checks the entry itself; this checks every file and folder inside it,
+    which a merge reads and copies into merged/ (a base's tokenizer.json linked to a
+    file elsewhere would be copied, and so published). Links within data_dir are allowed.
+    NOTE: the check runs when a job is submitted or a model loaded; a link created
+    after that is followed.
+    """
+    data_root = data_dir.resolve()
+    entry = data_dir / root / name
+    # os.walk does not enter linked folders (followlinks=False), but lists them.
+    for folder, subfolders, files in os.walk(entry):
+        for child in subfolders + files:
+            path = Path(folder) / child
+            if not path.is_symlink():
+                continue
+            target = _resolved(path)
+            if target is None or not target.is_relative_to(data_root):
+                inner = path.relative_to(entry)
+                logger.warning(
+                    "rejected %s %r: %s is a symbolic link to %s", root.noun, name, inner, target
+                )
+                raise InvalidNameError(
+                    f"{root.noun} {name!r} contains {inner}, a symbolic link that resolves "
+                    "outside the data directory or loops: replace it with the file itself"
+                )
 
 
 def entry_names(data_dir: Path, root: Root) -> list[str]:
@@ -119,5 +149,13 @@ def relative_path(root: Root, name: str) -> str:
 
 def _resolves_inside(path: Path, root_dir: Path) -> bool:
     """Return whether path, with every symbolic link followed, is an entry below root_dir."""
-    resolved = path.resolve()
-    return resolved != root_dir and resolved.is_relative_to(root_dir)
+    resolved = _resolved(path)
+    return resolved is not None and resolved != root_dir and resolved.is_relative_to(root_dir)
+
+
+def _resolved(path: Path) -> Path | None:
+    """Return path with every symbolic link followed, or None for a symbolic link loop."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError):  # Python 3.11 raises RuntimeError for a loop
+        return None

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
-from pydantic import BaseModel, Field
+import logging
 
-from service.catalog import list_entries, read_merge_report, summarize_report
+from fastapi import APIRouter
+from pydantic import BaseModel, Field, ValidationError
+
+from service.catalog import CatalogEntry, list_entries, read_merge_report, summarize_report
 from service.dependencies import SettingsDep
 from service.paths import Root
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(tags=["catalog"])
 
@@ -58,14 +62,28 @@ def list_merged_models(settings: SettingsDep) -> list[MergedModelItem]:
     """Directories of merged/ that contain a config.json, by name, with their merge reports."""
     items = []
     for entry in list_entries(settings.data_dir, Root.MERGED):
-        report = read_merge_report(entry.directory)
-        summary = None if report is None else MergeReportSummary(**summarize_report(report))
         items.append(
             MergedModelItem(
-                name=entry.name, path=entry.path, size_bytes=entry.size_bytes, report=summary
+                name=entry.name,
+                path=entry.path,
+                size_bytes=entry.size_bytes,
+                report=_report_summary(entry),
             )
         )
     return items
+
+
+def _report_summary(entry: CatalogEntry) -> MergeReportSummary | None:
+    """Summarize the entry's merge report; None when it has none or it is malformed."""
+    report = read_merge_report(entry.directory)
+    if report is None:
+        return None
+    try:
+        return MergeReportSummary(**summarize_report(report))
+    except (TypeError, AttributeError, ValidationError) as error:
+        # A hand-edited or damaged report must not break the listing of every model.
+        logger.warning("ignored malformed merge report of merged/%s: %s", entry.name, error)
+        return None
 
 
 def _items(settings: SettingsDep, root: Root) -> list[CatalogItem]:

@@ -39,7 +39,7 @@ from fastapi.responses import StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.concurrency import run_in_threadpool
 
-from service.errors import ServiceError, error_responses
+from service.errors import ServiceError, error_responses, validation_error_responses
 from service.generation import (
     FINISH_CANCELLED,
     GenerationResult,
@@ -153,7 +153,8 @@ MetricsDep = Annotated[ServiceMetrics, Depends(get_metrics)]
     response_model=GenerateResponse,
     summary="Generate text with a model",
     responses={
-        **error_responses(400, 401, 404, 502, 503, 504),
+        **error_responses(400, 401, 404, 413, 502, 503, 504),
+        **validation_error_responses(),
         200: {"content": {"text/event-stream": {}}, "description": "JSON, or SSE with stream"},
     },
 )
@@ -350,6 +351,8 @@ def generation_events(
     loop = asyncio.get_running_loop()
     produce = _producer(prepared, metrics, stop_event, events, loop)
     context = contextvars.copy_context()  # the worker's log lines keep the request id
+    if prepared.slot is not None:
+        prepared.slot.start_clock()
     worker = loop.run_in_executor(None, context.run, produce)
     worker.add_done_callback(lambda _: _worker_done(prepared, stop_event))
     watcher = None if request is None else asyncio.create_task(_watch(request, stop_event))

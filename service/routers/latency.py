@@ -39,7 +39,12 @@ from furina.checkpoint import CheckpointError, load_causal_lm, load_tokenizer
 from furina.inject import attach_adapter
 from merger.latency import LatencyStats, measure_latency
 from service.catalog import read_merge_report
-from service.errors import ConflictError, ServiceError, error_responses
+from service.errors import (
+    ConflictError,
+    ServiceError,
+    error_responses,
+    validation_error_responses,
+)
 from service.models import ModelEntry, ModelRegistry
 from service.paths import Root, resolve_name
 from service.routers.generate import invalid_field
@@ -145,7 +150,7 @@ class UnsupportedComparison(ServiceError):
     "/compare",
     response_model=LatencyResponse,
     summary="Time base, merged and unmerged variants of a merged model side by side",
-    responses=error_responses(400, 404, 409),
+    responses={**error_responses(400, 404, 409, 413), **validation_error_responses()},
 )
 async def compare(body: LatencyRequest, request: Request) -> LatencyResponse:
     settings: Settings = request.app.state.settings

@@ -17,6 +17,8 @@ from service.paths import Root, relative_path
 router = APIRouter(prefix="/merge", tags=["merge jobs"])
 
 MAX_PAGE_SIZE = 100
+# The largest integer SQLite stores; a larger OFFSET raises OverflowError in sqlite3.
+MAX_OFFSET = 2**63 - 1
 
 
 class MergeRequest(BaseModel):
@@ -94,7 +96,7 @@ def submit_merge(request: MergeRequest, jobs: JobsDep, response: Response) -> Me
 def list_merge_jobs(
     jobs: JobsDep,
     limit: int = Query(default=20, ge=1, le=MAX_PAGE_SIZE),
-    offset: int = Query(default=0, ge=0),
+    offset: int = Query(default=0, ge=0, le=MAX_OFFSET),
 ) -> MergeJobPage:
     page, total = jobs.page(limit, offset)
     items = [MergeJobSummary(**_job_fields(job)) for job in page]

@@ -13,7 +13,10 @@ once it has passed this module's validation, unchanged to the OpenAI-compatible 
 (service.remote_engine), which then decides about the parameters listed above.
 
 Every error of these routes has OpenAI's body: {"error": {"message", "type", "param",
-"code"}}. Validation errors are 400 here, as with OpenAI, not FastAPI's 422.
+"code"}}. Validation errors are 400 here, as with OpenAI, not FastAPI's 422, and so is
+a body that is not JSON. service.errors and service.middleware give the same body to
+what fails before routing: an unknown /v1/ path (404), a body over
+FURINA_MAX_BODY_BYTES (413).
 """
 
 from __future__ import annotations
@@ -115,7 +118,45 @@ class OpenAIRoute(APIRoute):
         return handle_with_openai_errors
 
 
-router = APIRouter(prefix="/v1", tags=["openai"], route_class=OpenAIRoute)
+class OpenAIErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str | None
+
+
+class OpenAIErrorBody(BaseModel):
+    """Body of every error response of these routes, as OpenAI sends it."""
+
+    error: OpenAIErrorDetail
+
+
+# Declared for the OpenAPI schema. The 422 entry replaces FastAPI's default one, whose
+# body these routes never send (their validation errors are 400).
+OPENAI_ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": OpenAIErrorBody, "description": description}
+    for code, description in {
+        400: "Invalid request or unsupported parameter",
+        401: "Missing or invalid API key",
+        404: "Model not found",
+        413: "Request body too large",
+        422: "Prompt does not fit the model, or no model named and no default model",
+        502: "The generation engine is unreachable or failed",
+        503: "Every generation slot is taken and the queue is full (see Retry-After)",
+        504: "The generation engine timed out",
+    }.items()
+}
+
+COMPLETION_200: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/json": {}, "text/event-stream": {}},
+        "description": "JSON, or Server-Sent Events with stream",
+    }
+}
+
+router = APIRouter(
+    prefix="/v1", tags=["openai"], route_class=OpenAIRoute, responses=OPENAI_ERROR_RESPONSES
+)
 
 
 class UnsupportedParameter(ServiceError):
@@ -208,7 +249,9 @@ async def retrieve_model(
     return ModelCard(id=entry.id, created=entry.created)
 
 
-@router.post("/chat/completions", summary="Chat completion (OpenAI format)")
+@router.post(
+    "/chat/completions", summary="Chat completion (OpenAI format)", responses=COMPLETION_200
+)
 async def chat_completions(
     body: ChatCompletionRequest,
     request: Request,
@@ -258,7 +301,7 @@ async def chat_completions(
     return JSONResponse(completion.body([choice], result.usage()))
 
 
-@router.post("/completions", summary="Text completion (OpenAI format)")
+@router.post("/completions", summary="Text completion (OpenAI format)", responses=COMPLETION_200)
 async def completions(
     body: CompletionRequest,
     request: Request,

@@ -251,6 +251,8 @@ def test_jobs_survive_restart(data_dir_template, tmp_path, start_server):
         wait_for_job(http, killed_id, {"running"})
     first.kill()
     assert done["status"] == "succeeded", done["error"]
+    # The kill left the job's hidden temporary directory, which the next start removes.
+    assert len(list((data_dir / "merged").glob(".killed.*.tmp"))) == 1
 
     second = start_server(data_dir, env=slow)
     with second.client() as http:
@@ -273,7 +275,14 @@ def test_jobs_survive_restart(data_dir_template, tmp_path, start_server):
     with third.client() as http:
         stopped = http.get(f"/merge/{stopped_id}").json()
         total = http.get("/merge").json()["total"]
+        listed_before_retry = sorted(path.name for path in (data_dir / "merged").iterdir())
+        retry_id = submit_merge(http, "killed", verify=False).json()["id"]
+        retried = wait_for_job(http, retry_id, FINISHED)
+        merged_names = [item["name"] for item in http.get("/merged-models").json()]
     assert stopped["status"] == "failed"
     assert stopped["error"].startswith("interrupted")
     assert total == 3
-    assert sorted(path.name for path in (data_dir / "merged").iterdir()) == ["kept"]
+    assert listed_before_retry == ["kept"]
+    # The interrupted job's name is free again.
+    assert retried["status"] == "succeeded", retried["error"]
+    assert merged_names == ["kept", "killed"]
