@@ -16,6 +16,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from merger.latency import cpu_model
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 CACHE_DIR = REPO_ROOT / "bench" / ".cache"
@@ -35,7 +37,7 @@ DOCS_HEADER = (
 def machine_info() -> dict:
     """Describe the CPU model, logical core count, total RAM and OS of this machine."""
     return {
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "cores": os.cpu_count(),
         "ram_gib": round(_meminfo_kib("MemTotal") / 1024**2, 1),
         "os": platform.platform(),
@@ -126,16 +128,6 @@ def update_docs_block(name: str, markdown: str) -> None:
     temporary = DOCS_FILE.with_suffix(".md.tmp")
     temporary.write_text(text)
     os.replace(temporary, DOCS_FILE)
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _meminfo_kib(field: str) -> int:

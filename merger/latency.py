@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import inspect
 import logging
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -235,3 +237,14 @@ def _add_ratios(results: dict[str, LatencyStats], reference: str) -> None:
         stats.ratio_to_reference = {
             metric: stats.median(metric) / reference_stats.median(metric) for metric in METRICS
         }
+
+
+def cpu_model() -> str:
+    """Return the CPU model name from /proc/cpuinfo, for reports next to timings."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"

@@ -37,7 +37,7 @@ from torch import nn
 from furina.adapter import AdapterError, read_adapter_config
 from furina.checkpoint import CheckpointError, load_causal_lm, load_tokenizer
 from furina.inject import attach_adapter
-from merger.latency import LatencyStats, measure_latency
+from merger.latency import LatencyStats, cpu_model, measure_latency
 from service.catalog import read_merge_report
 from service.errors import (
     ConflictError,
@@ -164,9 +164,7 @@ async def compare(body: LatencyRequest, request: Request) -> LatencyResponse:
         )
 
     if not _comparison_lock.acquire(blocking=False):
-        raise ConflictError(
-            "another latency comparison is running: retry when it has finished"
-        )
+        raise ConflictError("another latency comparison is running: retry when it has finished")
     try:
         return await run_in_threadpool(run_comparison, settings, entry, body)
     finally:
@@ -181,7 +179,11 @@ def run_comparison(settings: Settings, entry: ModelEntry, body: LatencyRequest) 
     variants = [name for name in VARIANTS if name in body.variants]
     logger.info(
         "latency comparison of %s: variants %s, %d prompt tokens, %d new tokens, %d repeats",
-        entry.id, ", ".join(variants), body.prompt_tokens, body.new_tokens, body.repeats,
+        entry.id,
+        ", ".join(variants),
+        body.prompt_tokens,
+        body.new_tokens,
+        body.repeats,
     )
 
     models, moe_lora = _load_variants(variants, entry.path, base_dir, adapter_dir)
@@ -254,7 +256,7 @@ def synthetic_prompt(tokenizer, prompt_tokens: int) -> torch.Tensor:
 def machine_info() -> Machine:
     """Describe the machine: CPU model (/proc/cpuinfo on Linux), cores, torch threads, versions."""
     return Machine(
-        cpu_model=_cpu_model(),
+        cpu_model=cpu_model(),
         cpu_count=os.cpu_count(),
         torch_threads=torch.get_num_threads(),
         torch_version=torch.__version__,
@@ -362,13 +364,3 @@ def _notes(variants: list[str]) -> list[str]:
     if "base" not in variants:
         notes.append("base was not timed, so ratio_to_base is null")
     return notes
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
