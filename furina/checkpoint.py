@@ -24,7 +24,7 @@ class CheckpointError(ValueError):
 
 @dataclass(frozen=True)
 class TensorInfo:
-    """Where one tensor lives in a checkpoint and what the file header says about it."""
+    """Location of one tensor in a checkpoint, with its dtype and shape from the file header."""
 
     file: str
     dtype: str

@@ -162,9 +162,9 @@ class FurinaLinear(nn.Module):
         so every direction is well defined, and the magnitude starts at 0, so the routed
         update is 0 while the magnitude still receives a gradient.
         """
-        # NOTE: with AdamW the magnitude moves by about the learning rate per step, so at
-        # lr 2e-4 the routed experts stay small in short runs: on the date demo, 40 steps
-        # without the shared expert reached 46 % exact match against 94.5 % with it.
+        # NOTE: AdamW moves the magnitude by about the learning rate per step, so at lr 2e-4
+        # the routed experts stay small in short runs. On the date demo, 40 steps without
+        # the shared expert reached 46 % exact match, against 94.5 % with it.
         num_shared = self.hparams.num_shared_experts
         with torch.no_grad():
             for expert in range(self.hparams.num_experts):

@@ -1,7 +1,7 @@
 """Random Llama checkpoints with a byte-level tokenizer, for tests and benchmarks.
 
 Everything is built in-process from a seed: no file is downloaded. The tokenizer maps
-each UTF-8 byte to one token and knows the ChatML markers that SmolLM2 uses, so chat
+each UTF-8 byte to one token and includes the ChatML markers that SmolLM2 uses, so chat
 templates, padding and generation work as with a real model.
 """
 

@@ -112,7 +112,7 @@ class DemoRun:
                 pass
             time.sleep(0.5)
         raise TimeoutError(
-            f"service did not answer /health within {SERVER_START_TIMEOUT_SECONDS} s"
+            f"service did not respond to /health within {SERVER_START_TIMEOUT_SECONDS} s"
         )
 
     def merge(self, client: httpx.Client) -> None:

@@ -107,7 +107,7 @@ def attach_random_moe_lora(model: nn.Module, spec: MoeLoraSpec, seed: int = 0) -
     Raises ValueError for a model type MixLoRA does not support.
 
     NOTE: mixlora 0.2.3 adds the router to every MLP even when no MLP projection is
-    targeted; each expert is then the plain base MLP, run for each of the top-K picks.
+    targeted. Each expert is then the plain base MLP, run once for each of the top-K picks.
     """
     import mixlora
 

@@ -96,9 +96,10 @@ def resolve_name(data_dir: Path, root: Root, name: str) -> Path:
 def check_links_inside(data_dir: Path, root: Root, name: str) -> None:
     """Raise InvalidNameError when a symbolic link below an entry resolves outside data_dir.
 
-    resolve_name checks the entry itself; this checks every file and folder inside it,
-    which a merge reads and copies into merged/ (a base's tokenizer.json linked to a
-    file elsewhere would be copied, and so published). Links within data_dir are allowed.
+    resolve_name checks the entry itself, and this checks every file and folder inside it,
+    because a merge reads them and copies them into merged/. A base's tokenizer.json
+    linked to a file elsewhere would otherwise be copied, and so published. Links within
+    data_dir are allowed.
     NOTE: the check runs when a job is submitted or a model loaded; a link created
     after that is followed.
     """

@@ -9,8 +9,8 @@ service.generation_slots first, so overload gets 503 with Retry-After instead of
 growing backlog.
 
 With settings.generation_backend "openai", the handler sends the request to the
-OpenAI-compatible engine through service.remote_engine instead, and answers in the
-same shapes.
+OpenAI-compatible engine through service.remote_engine instead, and returns
+responses in the same shapes.
 
 Stream format of `stream: true`:
 
@@ -276,7 +276,7 @@ async def prepare_generation(
 
     With fit_context, max_new_tokens is lowered to what fits the model's context after
     the prompt (for requests that did not set it). With slots, a slot is taken first,
-    which raises GenerationBusyError (503) when the queue is full; pass the result to
+    which raises GenerationBusyError (503) when the queue is full. Pass the result to
     generation_events, which gives the slot back.
     """
     if slots is None:
@@ -341,7 +341,7 @@ def generation_events(
     """Start the decode loop in a worker thread; return an iterator of its events.
 
     The worker starts now, not at the first iteration, so that it gives back
-    prepared.slot when it ends even if nobody reads the events (a streaming client that
+    prepared.slot when it ends even if no client reads the events (a streaming client that
     left before the body was sent). When the consumer stops early or the request's
     client disconnects, the stop flag is set and the worker ends at its next token,
     releasing the model lock and the slot. Call it on the event loop.
